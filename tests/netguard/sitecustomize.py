@@ -6,11 +6,14 @@ installs the same guard as the test process itself: loopback is allowed
 """
 
 import os
+import sys
 
 if os.environ.get("LQ_NO_NETWORK") == "1":
+    _root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    sys.path.insert(0, _root)  # find lq_edu even when it is not pip-installed
     try:
         from lq_edu._netguard import install
 
         install()
-    except ImportError:  # lq_edu not importable in this interpreter: nothing to guard
-        pass
+    finally:
+        sys.path.remove(_root)
