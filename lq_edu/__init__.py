@@ -11,8 +11,15 @@ Each module is one concept from the course, in the order the lessons meet it:
 - ``profiles``: ci / laptop / gpu sizes for every lesson
 - ``check``: self-checks that compare a learner's function with the engine's
 - ``notebooks``: student copies, their sync check, and the headless course runner
+- ``widgets``: sliders that degrade to printed tables in headless runs
+- ``formats``: float formats bit by bit (fp32, bf16, fp16, fp8, fp4)        [lesson 01]
+- ``memory``: bytes and bits per parameter for any format or HF config      [lesson 01]
+- ``quant``: absmax/zero-point intN, NF-k codebooks, double quant, packing  [lessons 02-03]
+- ``quant_linear``: QuantLinear, a frozen layer that dequantizes on the fly [lesson 04]
+- ``surgery``: swap a model's linears for QuantLinear, atomically            [lesson 04]
 """
 
+from lq_edu import formats, memory, quant
 from lq_edu.check import CheckResult, check
 from lq_edu.corpus import load_corpus
 from lq_edu.device import environment_report, memory_info, pick_device
@@ -20,6 +27,10 @@ from lq_edu.evaluate import generate, perplexity
 from lq_edu.models import count_parameters, load_course_model, parameter_bytes, parameter_report
 from lq_edu.paths import CORPUS_DIR, COURSE_MODEL_DIR, DATA_DIR
 from lq_edu.profiles import PROFILES, Profile, get_profile
+from lq_edu.quant import QuantizedWeight, dequantize, quantize
+from lq_edu.quant_linear import QuantLinear
+from lq_edu.surgery import SurgeryReport, quantize_model
+from lq_edu.widgets import interact_or_table
 
 __version__ = "0.1.0"
 
@@ -28,18 +39,28 @@ __all__ = [
     "CORPUS_DIR",
     "DATA_DIR",
     "PROFILES",
+    "QuantLinear",
+    "QuantizedWeight",
+    "SurgeryReport",
     "CheckResult",
     "Profile",
     "check",
     "count_parameters",
+    "dequantize",
     "environment_report",
+    "formats",
     "generate",
     "get_profile",
+    "interact_or_table",
     "load_corpus",
     "load_course_model",
+    "memory",
     "memory_info",
     "parameter_bytes",
     "parameter_report",
     "perplexity",
     "pick_device",
+    "quant",
+    "quantize",
+    "quantize_model",
 ]

@@ -80,8 +80,10 @@ def perplexity(
     from tqdm.auto import tqdm
 
     max_pos = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", 512)
-    context = context or min(512, max_pos)
-    stride = stride or context
+    context = min(512, max_pos) if context is None else context
+    stride = context if stride is None else stride
+    if context < 2:
+        raise ValueError(f"context={context} is too short; a window needs at least 2 tokens")
     if context > max_pos:
         raise ValueError(f"context={context} is longer than the model's {max_pos} positions; use context<={max_pos}")
     if not 0 < stride <= context:

@@ -33,11 +33,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from lq_edu.formats import BF16, FP8_E4M3, FP8_E5M2, FP16, FP32
+from lq_edu.quant import DQ_BLOCK_SIZE  # 256 block scales share one fp32 scale (QLoRA)
 
 GB = 10**9  # bytes in a gigabyte, as spec sheets count
 GiB = 2**30  # bytes in a gibibyte, as memory allocators count
-
-DQ_BLOCK_SIZE = 256  # block scales that share one second-level scale under double quantization (QLoRA)
 
 
 def _ceil_div(a: int, b: int) -> int:
@@ -130,7 +129,7 @@ ELEMENT_FORMATS: dict[str, int] = {
 # Blockwise formats: N-bit codes plus one absmax scale per block. The scale is
 # fp32 by default, as bitsandbytes stores it for NF4 in QLoRA; we use the same
 # layout for the integer formats so that the two families compare fairly.
-BLOCK_FORMATS: dict[str, int] = {"int8": 8, "int4": 4, "int3": 3, "int2": 2, "nf4": 4, "nf3": 3, "nf2": 2}
+BLOCK_FORMATS: dict[str, int] = {"int8": 8, "int4": 4, "int3": 3, "int2": 2, "nf4": 4, "nf3": 3, "nf2": 2, "fp4": 4}
 FORMAT_NAMES: tuple[str, ...] = (*ELEMENT_FORMATS, *BLOCK_FORMATS)
 
 

@@ -58,8 +58,16 @@ def load_course_model(
 
     path = Path(path)
     _check_model_dir(path)
+    from transformers.utils import logging as hf_logging
+
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True)
+    bars_were_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # a local load is instant; a bar would only clutter the lesson
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True)
+    finally:
+        if bars_were_on:
+            hf_logging.enable_progress_bar()
     if device is not None:
         model.to(device)
     model.eval()

@@ -87,13 +87,22 @@ def check_markers(nb, name: str = "notebook") -> int:
     return regions
 
 
+WIDGET_MIME = "application/vnd.jupyter.widget-view+json"
+
+
 def _clean_metadata(nb) -> None:
-    """Drop widget state and per-run noise so that diffs show only real changes."""
+    """Drop widget state and per-run noise so that diffs show only real changes.
+
+    Outputs that are widget views (tqdm progress bars in a kernel) are removed:
+    without their saved state they would render as "model not found".
+    """
     nb.metadata.pop("widgets", None)
     nb.metadata.pop("papermill", None)
     for cell in nb.cells:
         for key in ("execution", "papermill", "collapsed", "scrolled"):
             cell.metadata.pop(key, None)
+        if cell.cell_type == "code":
+            cell.outputs = [o for o in cell.outputs if WIDGET_MIME not in o.get("data", {})]
 
 
 def student_notebook(nb, name: str = "notebook"):
@@ -170,7 +179,6 @@ def _kernel_env(profile: str) -> None:
         os.environ["PATH"] = bindir + os.pathsep + os.environ.get("PATH", "")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-    os.environ.setdefault("MPLBACKEND", "Agg")
 
 
 def execute_in_place(path: Path, profile: str = "ci", timeout: int = 600) -> float:

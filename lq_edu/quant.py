@@ -503,6 +503,10 @@ class QuantizedWeight:
         """8 * nbytes / numel. NF4, block 64: 4.5; with double quantization 4 + 8/64 + 32/(64*256) = 4.127."""
         return 8 * self.nbytes / self.numel
 
+    def codes(self) -> torch.Tensor:
+        """The unpacked codes, uint8 (n_blocks, block_size): row i is block i, padding codes included."""
+        return unpack(self.packed, self.bits, self.n_blocks * self.block_size).view(self.n_blocks, self.block_size)
+
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """Back to a dense tensor of shape ``self.shape`` (see ``dequantize``)."""
         return dequantize(self, dtype)

@@ -356,3 +356,7 @@ def test_table_for_a_config_mixes_formats():
     assert rows[1].bytes == model_bytes(cfg, "nf4", keep="bf16")  # a block format: linears only
     assert rows[1].bits_per_param == 8 * rows[1].bytes / count.total
     assert rows[1].bits_per_param > 4.5  # the bf16 embeddings pull the average up
+
+
+def test_fp4_costs_what_nf4_costs():
+    assert get_format("fp4").bits_per_param == get_format("nf4").bits_per_param == 4.5

@@ -13,6 +13,7 @@ from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
 from lq_edu.notebooks import (
     NOTEBOOKS_DIR,
     SOLUTIONS_DIR,
+    WIDGET_MIME,
     MarkerError,
     check_markers,
     run_course,
@@ -139,6 +140,8 @@ def test_lesson_conventions(path):
     assert "LQ_PROFILE" in code[0].source
     assert check_markers(nb, path.name) >= 1, "each lesson has exercises"
     assert "widgets" not in nb.metadata, "no committed widget state"
+    widget_views = [i for i, c in enumerate(nb.cells) for o in c.get("outputs", []) if WIDGET_MIME in o.get("data", {})]
+    assert not widget_views, f"cells {widget_views} hold widget views without state; run `make outputs`"
     assert any(c.outputs for c in code), "solutions are committed with outputs from a ci run"
     assert nb.metadata["kernelspec"]["name"] == "python3"
     for cell in code:

@@ -531,3 +531,12 @@ def test_nf4_double_quant_agrees_with_bitsandbytes(bnbf):
     # And our own double-quantized weight equals theirs wherever the scale codes agree.
     ours = qw.dequantize().reshape(n, 64)[same]
     torch.testing.assert_close(ours, expected.reshape(n, 64)[same], rtol=0, atol=1e-6 * float(w.abs().max()))
+
+
+def test_codes_are_the_unpacked_packed_state():
+    w = torch.randn(3, 100, generator=torch.Generator().manual_seed(0))
+    qw = nf_quantize(w, 4, block_size=64)
+    codes = qw.codes()
+    assert codes.shape == (qw.n_blocks, 64) and codes.dtype == torch.uint8
+    values = qw.codebook[codes.long()] * qw.scales[:, None]
+    torch.testing.assert_close(values.reshape(-1)[: w.numel()].view(w.shape), qw.dequantize())
