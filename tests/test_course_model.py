@@ -10,7 +10,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
-from lq_edu import COURSE_MODEL_DIR, count_parameters, generate, load_course_model, load_corpus, perplexity
+from lq_edu import COURSE_MODEL_DIR, count_parameters, generate, load_corpus, load_course_model, perplexity
 from lq_edu.pretrain import PretrainConfig
 
 
