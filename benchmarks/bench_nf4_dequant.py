@@ -6,7 +6,7 @@ A 4096 x 4096 fp32 weight, NF4, block 64, no double quantization. Three ways to 
 all timed in the same run, interleaved (one call of each per round), on 2 threads:
 
 - bitsandbytes ``dequantize_4bit`` (a C++ kernel on CPU): the peer;
-- ``lq_edu.quant.dequantize``: one gather from a 256-entry byte table, then one broadcast multiply;
+- ``lq_edu.quant.dequantize``: one gather per 16-bit word from a 65,536-row table, then one broadcast multiply;
 - naive: split each byte into its two nibbles, look each code up in the codebook, multiply by the scale.
 
 The figures that matter are the ratios to bitsandbytes (target for lq_edu: at most 2x).
@@ -14,10 +14,8 @@ The figures that matter are the ratios to bitsandbytes (target for lq_edu: at mo
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable
-
 import torch
+from timing import interleaved_medians
 
 from lq_edu.quant import QuantizedWeight, dequantize, nf_quantize
 
@@ -28,20 +26,6 @@ def naive_dequantize(qw: QuantizedWeight) -> torch.Tensor:
     codes = torch.stack([high, low], dim=1).reshape(-1)  # (n_blocks * block_size,)
     values = qw.codebook[codes.long()].view(qw.n_blocks, qw.block_size) * qw.scales[:, None]
     return values.reshape(-1)[: qw.numel].view(qw.shape)
-
-
-def interleaved_medians(fns: dict[str, Callable[[], object]], repeats: int = 15, warmup: int = 2) -> dict[str, float]:
-    """Median seconds per function; one call of each per round, so machine noise hits all of them alike."""
-    for fn in fns.values():
-        for _ in range(warmup):
-            fn()
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
-    return {name: sorted(t)[len(t) // 2] for name, t in times.items()}
 
 
 def main() -> None:

@@ -16,9 +16,9 @@ reports ``torch.cuda.max_memory_allocated`` peaks.
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
+from timing import interleaved_medians
 from torch import nn
 
 from lq_edu.quant_linear import QuantLinear
@@ -40,17 +40,6 @@ def fwd_bwd(layer: nn.Module, x: torch.Tensor, grad: torch.Tensor) -> None:
     layer(x).backward(grad)
 
 
-def median_seconds(fn, repeats: int, warmup: int = 1) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2]
-
-
 def saved_bytes(layer: nn.Module, x: torch.Tensor) -> int:
     """Bytes autograd holds for backward after one forward pass (exact, device-independent)."""
     total = 0
@@ -70,7 +59,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--tokens", type=int, default=512)
     parser.add_argument("--dim", type=int, default=4096)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -90,19 +79,21 @@ def main() -> None:
     grad = torch.randn(args.tokens, args.dim, device=device)
 
     print(f"device={device} threads={torch.get_num_threads()} tokens={args.tokens} layer={args.dim}x{args.dim} fp32")
-    base_time = None
     weight_bytes = args.dim * args.dim * 4
+    seconds = interleaved_medians(
+        {name: (lambda layer=layer: fwd_bwd(layer, x, grad)) for name, layer in layers.items()}, repeats=args.repeats
+    )
+    base_time = seconds["nn.Linear (frozen)"]
     rows = []
     for name, layer in layers.items():
-        seconds = median_seconds(lambda layer=layer: fwd_bwd(layer, x, grad), args.repeats)
-        base_time = base_time or seconds
         held = saved_bytes(layer, x)
         stored = layer.nbytes if isinstance(layer, QuantLinear) else weight_bytes
-        rows.append((name, seconds, seconds / base_time, stored, held))
+        rows.append((name, seconds[name], seconds[name] / base_time, stored, held))
     print(f"{'layer':<22} {'fwd+bwd s':>9} {'vs Linear':>9} {'weight MiB':>10} {'held for bwd MiB':>16}")
     for name, seconds, ratio, stored, held in rows:
         print(f"{name:<22} {seconds:>9.3f} {ratio:>8.2f}x {stored / 2**20:>10.1f} {held / 2**20:>16.1f}")
     q_held = rows[1][4]
+    print("(nn.Linear's saved tensor is its own parameter, not a copy; the naive layer's is a new float weight)")
     print(f"QuantLinear holds {q_held / 2**20:.1f} MiB for backward; the dequantized weight is "
           f"{weight_bytes / 2**20:.0f} MiB, so it is {'NOT ' if q_held < weight_bytes else ''}held across the passes")
     if device.type == "cuda":

@@ -21,27 +21,60 @@ import dataclasses
 import torch
 from torch import nn
 
-from lq_edu.quant import QuantizedWeight
+from lq_edu.quant import QuantizedWeight, iter_row_slices
+
+CHUNK_ELEMENTS = 2**21  # weight elements dequantized at a time (8 MiB in fp32)
+
+
+def _row_chunks(qweight: QuantizedWeight) -> list[tuple[int, int]] | None:
+    """Row ranges to dequantize one after another, or None if the weight must be done whole."""
+    out_features, in_features = qweight.shape
+    if in_features % qweight.block_size or out_features * in_features <= CHUNK_ELEMENTS:
+        return None
+    rows = max(1, CHUNK_ELEMENTS // in_features)
+    return [(r, min(r + rows, out_features)) for r in range(0, out_features, rows)]
+
+
+def _weight_slices(qweight: QuantizedWeight, dtype: torch.dtype):
+    """Yield ``(start, end, W[start:end])`` in ``dtype``: the whole weight, or row slices of a big one."""
+    chunks = _row_chunks(qweight)
+    if chunks is None:
+        yield 0, qweight.shape[0], qweight.dequantize(dtype=dtype)
+        return
+    yield from iter_row_slices(qweight, chunks[0][1] - chunks[0][0], dtype)
 
 
 class DequantLinearFunction(torch.autograd.Function):
     """``F.linear`` with a quantized weight that is dequantized in forward and again in backward.
 
     Only the packed weight (already held by the module) is referenced between
-    the two passes; no dequantized tensor is saved for backward.
+    the two passes; no dequantized tensor is saved for backward. Large weights
+    are dequantized a slice of rows at a time (``CHUNK_ELEMENTS``), so even the
+    transient float copy is a slice, not the whole matrix.
     """
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, qweight: QuantizedWeight, bias: torch.Tensor | None) -> torch.Tensor:
-        weight = qweight.dequantize(dtype=x.dtype)  # (out, in), freed when forward returns
         ctx.qweight = qweight  # the packed state only
-        return nn.functional.linear(x, weight, bias)
+        x2d = x.reshape(-1, x.shape[-1])  # (N, in)
+        y = torch.empty(x2d.shape[0], qweight.shape[0], dtype=x.dtype, device=x.device)  # (N, out)
+        for start, end, w in _weight_slices(qweight, x.dtype):
+            torch.mm(x2d, w.t(), out=y[:, start:end])  # (N, in) @ (in, rows) -> (N, rows)
+        if bias is not None:
+            y += bias
+        return y.view(*x.shape[:-1], qweight.shape[0])
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
-        weight = ctx.qweight.dequantize(dtype=grad_out.dtype)  # (out, in), rebuilt, not saved
-        grad_x = grad_out @ weight  # (..., out) @ (out, in) -> (..., in)
-        return grad_x, None, None
+        # dL/dx = dL/dy @ W, summed over row slices of W: (N, rows) @ (rows, in) -> (N, in)
+        g2d = grad_out.reshape(-1, grad_out.shape[-1])  # (N, out)
+        grad_x = torch.empty(g2d.shape[0], ctx.qweight.shape[1], dtype=grad_out.dtype, device=grad_out.device)
+        for start, end, w in _weight_slices(ctx.qweight, grad_out.dtype):
+            if start == 0:
+                torch.mm(g2d[:, start:end], w, out=grad_x)  # the first slice writes, the rest add
+            else:
+                grad_x.addmm_(g2d[:, start:end], w)
+        return grad_x.view(*grad_out.shape[:-1], ctx.qweight.shape[1]), None, None
 
 
 def _map_tensors(obj, fn):

@@ -53,7 +53,8 @@ class SurgeryReport:
             f"{self.bits_per_param:.3f} bits/param; "
             f"quantized weights {self.linear_bytes_before / 2**20:.2f} -> {self.linear_bytes_after / 2**20:.2f} MiB, "
             f"whole model {self.bytes_before / 2**20:.2f} -> {self.bytes_after / 2**20:.2f} MiB "
-            f"({self.bytes_before / self.bytes_after:.2f}x smaller); {len(self.skipped)} linear layers kept in float"
+            f"({self.bytes_before / self.bytes_after:.2f}x smaller); "
+            f"{len(self.skipped)} linear layer{'' if len(self.skipped) == 1 else 's'} kept in float"
         )
 
 
@@ -103,10 +104,14 @@ def select_linears(
     return chosen
 
 
-def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
+def set_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    """Replace the submodule called ``name`` (e.g. ``model.layers.0.mlp.up_proj``) with ``new``."""
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, new)
+
+
+_set_module = set_module  # old private name, kept for callers not yet updated
 
 
 def quantize_model(
@@ -147,7 +152,7 @@ def quantize_model(
         new_modules[n] = QuantLinear.from_linear(modules[n], fmt=fmt, block_size=block_size, double_quant=double_quant, name=n)
     # All quantized: now swap them in. setattr cannot fail halfway for valid names.
     for n, q in new_modules.items():
-        _set_module(model, n, q)
+        set_module(model, n, q)
 
     linear_params = sum(q.in_features * q.out_features for q in new_modules.values())
     linear_bytes_before = sum(linear_weight(m)[0].numel() * linear_weight(m)[0].element_size() for m in modules.values())

@@ -533,6 +533,19 @@ def test_nf4_double_quant_agrees_with_bitsandbytes(bnbf):
     torch.testing.assert_close(ours, expected.reshape(n, 64)[same], rtol=0, atol=1e-6 * float(w.abs().max()))
 
 
+@pytest.mark.parametrize("fmt", ["nf2", "nf3", "nf4", "fp4", "int2", "int3", "int4", "int8"])
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_fast_dequantize_equals_the_textbook_lookup(fmt, double_quant):
+    """The word-table fast path must equal codebook[code] * scale, element for element."""
+    from lq_edu.quant import quantize
+
+    w = torch.randn(5, 130, generator=torch.Generator().manual_seed(1))
+    qw = quantize(w, fmt, block_size=32, double_quant=double_quant)
+    scales = qw.scales.dequantize() if double_quant else qw.scales
+    textbook = (qw.codebook[qw.codes().long()] * scales[:, None]).reshape(-1)[: w.numel()].view(w.shape)
+    assert torch.equal(qw.dequantize(), textbook)
+
+
 def test_codes_are_the_unpacked_packed_state():
     w = torch.randn(3, 100, generator=torch.Generator().manual_seed(0))
     qw = nf_quantize(w, 4, block_size=64)
