@@ -17,13 +17,22 @@ Each module is one concept from the course, in the order the lessons meet it:
 - ``quant``: absmax/zero-point intN, NF-k codebooks, double quant, packing  [lessons 02-03]
 - ``quant_linear``: QuantLinear, a frozen layer that dequantizes on the fly [lesson 04]
 - ``surgery``: swap a model's linears for QuantLinear, atomically            [lesson 04]
+- ``calibration``: calibration data, activation statistics, sequential GPTQ [lesson 05]
+- ``gptq``: column-by-column quantization with Hessian error feedback       [lesson 05]
+- ``awq``: activation-aware per-channel scales, folded into norms           [lesson 05]
+- ``lowrank``: W = Q + L1 L2 (LQ-LoRA) and its LoftQ-style baseline         [lessons 05, 07]
+- ``allocate``: mixed-precision bit allocation under a memory budget        [lesson 05]
 """
 
-from lq_edu import formats, memory, quant
+from lq_edu import allocate, awq, calibration, formats, gptq, lowrank, memory, quant
+from lq_edu.allocate import AllocationPlan, Candidate, allocate_bits
+from lq_edu.calibration import calibrate_model, calibration_data, collect_stats
 from lq_edu.check import CheckResult, check
 from lq_edu.corpus import load_corpus
 from lq_edu.device import environment_report, memory_info, pick_device
 from lq_edu.evaluate import generate, perplexity
+from lq_edu.gptq import gptq_quantize
+from lq_edu.lowrank import LQDecomposition, loftq_decompose, lq_decompose
 from lq_edu.models import count_parameters, load_course_model, parameter_bytes, parameter_report
 from lq_edu.paths import CORPUS_DIR, COURSE_MODEL_DIR, DATA_DIR
 from lq_edu.profiles import PROFILES, Profile, get_profile
@@ -35,6 +44,21 @@ from lq_edu.widgets import interact_or_table
 __version__ = "0.1.0"
 
 __all__ = [
+    "AllocationPlan",
+    "Candidate",
+    "LQDecomposition",
+    "allocate",
+    "allocate_bits",
+    "awq",
+    "calibrate_model",
+    "calibration",
+    "calibration_data",
+    "collect_stats",
+    "gptq",
+    "gptq_quantize",
+    "loftq_decompose",
+    "lowrank",
+    "lq_decompose",
     "COURSE_MODEL_DIR",
     "CORPUS_DIR",
     "DATA_DIR",

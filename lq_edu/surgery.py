@@ -111,9 +111,6 @@ def set_module(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
-_set_module = set_module  # old private name, kept for callers not yet updated
-
-
 def quantize_model(
     model: nn.Module,
     fmt: str = "nf4",
