@@ -287,6 +287,7 @@ def awq_quantize_model(
     grid: int = DEFAULT_GRID,
     fold: bool = True,
     max_rows: int = 2048,
+    progress: bool = True,
 ) -> AWQReport:
     """AWQ for a Llama-style model, in place: search a scale per group, fold it (or keep it), then quantize.
 
@@ -294,14 +295,17 @@ def awq_quantize_model(
     max_rows: input rows per layer the error is measured on (the first ones). fold=False keeps every scale
     inside its layer (``ScaledQuantLinear``), which is how a non-Llama model would be treated.
     All searches run before any weight changes; the linears are swapped in only once all are quantized.
+    progress: a progress bar over the groups searched.
     """
+    from tqdm.auto import tqdm
+
     from lq_edu.surgery import set_module
 
     groups = _llama_groups(model)
     names = [n for _, _, linears in groups for n in linears]
     inputs = capture_inputs(model, names, input_ids)  # name -> (B*T, in)
     results, plans = {}, []
-    for group, prev_name, linears in groups:
+    for group, prev_name, linears in tqdm(groups, desc=f"AWQ {fmt}", disable=not progress, leave=False):
         x = inputs[linears[0]]  # the linears of a group share their input
         weights = [linear_weight(model.get_submodule(n))[0] for n in linears]
         results[group] = awq_search(weights, x.abs().mean(0), x[:max_rows], fmt, block_size, double_quant, grid)
