@@ -640,6 +640,13 @@ def _word_table(values: tuple[float, ...], bits: int, device: str) -> torch.Tens
     return table.view(torch.int64)
 
 
+def _words(packed: torch.Tensor) -> torch.Tensor:
+    """Packed bytes read two at a time as unsigned 16-bit words: int32 (n_bytes // 2,), for ``index_select``."""
+    if hasattr(torch, "uint16"):  # torch >= 2.3: one conversion
+        return packed.view(torch.uint16).int()
+    return packed.view(torch.int16).int() & 0xFFFF  # older torch: reinterpret as signed, then mask
+
+
 def _decode_words(
     codebook: torch.Tensor, bits: int, packed: torch.Tensor, out: torch.Tensor | None = None
 ) -> torch.Tensor:
@@ -649,7 +656,7 @@ def _decode_words(
     benchmarks/bench_nf4_dequant.py). Needs an even number of packed bytes, which every block size gives.
     """
     table = _word_table(tuple(codebook.float().tolist()), bits, str(packed.device))  # (65536, k) int64
-    words = packed.view(torch.int16).int() & 0xFFFF  # (n_bytes // 2,) in 0..65535
+    words = _words(packed)  # (n_bytes // 2,) in 0..65535
     rows = table.view(-1) if table.shape[1] == 1 else table
     if out is not None:  # write into a caller's buffer: no fresh allocation, so no page faults
         torch.index_select(rows, 0, words, out=out.view(torch.int64).view(len(words), *rows.shape[1:]))
@@ -730,7 +737,7 @@ def iter_row_slices(qw: QuantizedWeight, rows_per_slice: int, dtype: torch.dtype
     if fast:  # decode words once for all slices: table (65536, k) int64, words (n_bytes // 2,)
         table = _word_table(tuple(qw.codebook.float().tolist()), qw.bits, str(qw.packed.device))
         table = table.view(-1) if table.shape[1] == 1 else table
-        words = qw.packed.view(torch.int16).int() & 0xFFFF
+        words = _words(qw.packed)
         words_per_row = n_cols * qw.bits // 16
     per_row = n_cols // qw.block_size  # blocks per row
     for start in range(0, n_rows, rows_per_slice):

@@ -553,3 +553,14 @@ def test_codes_are_the_unpacked_packed_state():
     assert codes.shape == (qw.n_blocks, 64) and codes.dtype == torch.uint8
     values = qw.codebook[codes.long()] * qw.scales[:, None]
     torch.testing.assert_close(values.reshape(-1)[: w.numel()].view(w.shape), qw.dequantize())
+
+
+def test_word_reading_is_the_same_on_old_torch(monkeypatch):
+    """torch < 2.3 has no uint16: the signed-view-and-mask fallback must read the same words."""
+    from lq_edu.quant import _words
+
+    packed = torch.randint(0, 256, (1000,), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    new = _words(packed)
+    monkeypatch.delattr(torch, "uint16")
+    old = _words(packed)
+    assert torch.equal(new, old) and int(old.min()) >= 0 and int(old.max()) <= 0xFFFF
