@@ -28,8 +28,11 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[notebook,test]'
 	@touch $(STAMP)
 
+# Jupyter refuses to run as root unless told (containers, WSL as root); ordinary users get no flag.
+ROOT_FLAG := $(if $(filter 0,$(shell id -u 2>/dev/null)),--allow-root,)
+
 lab: install
-	$(BIN)/jupyter lab notebooks/
+	$(BIN)/jupyter lab notebooks/ $(ROOT_FLAG)
 
 test: install
 	$(BIN)/python -m pytest
