@@ -22,9 +22,12 @@ Each module is one concept from the course, in the order the lessons meet it:
 - ``awq``: activation-aware per-channel scales, folded into norms           [lesson 05]
 - ``lowrank``: W = Q + L1 L2 (LQ-LoRA) and its LoftQ-style baseline         [lessons 05, 07]
 - ``allocate``: mixed-precision bit allocation under a memory budget        [lesson 05]
+- ``lora``: LoRALinear and LQLinear (zero / lq / lq-data starts)            [lessons 06-07]
+- ``adapters``: inject adapters into any HF model; PEFT-format save and load [lessons 06-07]
 """
 
-from lq_edu import allocate, awq, calibration, formats, gptq, lowrank, memory, quant
+from lq_edu import adapters, allocate, awq, calibration, formats, gptq, lora, lowrank, memory, quant
+from lq_edu.adapters import LoRAReport, inject_lora, load_adapter, save_adapter
 from lq_edu.allocate import AllocationPlan, Candidate, allocate_bits
 from lq_edu.calibration import calibrate_model, calibration_data, collect_stats
 from lq_edu.check import CheckResult, check
@@ -32,6 +35,7 @@ from lq_edu.corpus import load_corpus
 from lq_edu.device import environment_report, memory_info, pick_device
 from lq_edu.evaluate import generate, perplexity
 from lq_edu.gptq import gptq_quantize
+from lq_edu.lora import LoRALinear, LQLinear
 from lq_edu.lowrank import LQDecomposition, loftq_decompose, lq_decompose
 from lq_edu.models import count_parameters, load_course_model, parameter_bytes, parameter_report
 from lq_edu.paths import CORPUS_DIR, COURSE_MODEL_DIR, DATA_DIR
@@ -44,6 +48,14 @@ from lq_edu.widgets import interact_or_table
 __version__ = "0.1.0"
 
 __all__ = [
+    "LoRALinear",
+    "LoRAReport",
+    "LQLinear",
+    "adapters",
+    "inject_lora",
+    "load_adapter",
+    "lora",
+    "save_adapter",
     "AllocationPlan",
     "Candidate",
     "LQDecomposition",
