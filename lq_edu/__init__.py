@@ -24,9 +24,26 @@ Each module is one concept from the course, in the order the lessons meet it:
 - ``allocate``: mixed-precision bit allocation under a memory budget        [lesson 05]
 - ``lora``: LoRALinear and LQLinear (zero / lq / lq-data starts)            [lessons 06-07]
 - ``adapters``: inject adapters into any HF model; PEFT-format save and load [lessons 06-07]
+- ``sft``: chat records to input ids with assistant-only labels; padding, packing
+- ``tasks``: the seeded fine-tuning task of lessons 06-07 and its metrics
+- ``trainer``: a compact accelerate loop: accumulation, checkpoints, resume, DDP
 """
 
-from lq_edu import adapters, allocate, awq, calibration, formats, gptq, lora, lowrank, memory, quant
+from lq_edu import (
+    adapters,
+    allocate,
+    awq,
+    calibration,
+    formats,
+    gptq,
+    lora,
+    lowrank,
+    memory,
+    quant,
+    sft,
+    tasks,
+    trainer,
+)
 from lq_edu.adapters import LoRAReport, inject_lora, load_adapter, save_adapter
 from lq_edu.allocate import AllocationPlan, Candidate, allocate_bits
 from lq_edu.calibration import calibrate_model, calibration_data, collect_stats
@@ -43,11 +60,17 @@ from lq_edu.profiles import PROFILES, Profile, get_profile
 from lq_edu.quant import QuantizedWeight, dequantize, quantize
 from lq_edu.quant_linear import QuantLinear
 from lq_edu.surgery import SurgeryReport, quantize_model
+from lq_edu.trainer import TrainConfig, train
 from lq_edu.widgets import interact_or_table
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "TrainConfig",
+    "sft",
+    "tasks",
+    "train",
+    "trainer",
     "LoRALinear",
     "LoRAReport",
     "LQLinear",
