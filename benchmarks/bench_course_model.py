@@ -11,22 +11,10 @@ matmul of similar size.
 
 from __future__ import annotations
 
-import time
-
 import torch
+from timing import interleaved_medians
 
 from lq_edu import load_course_model
-
-
-def median_seconds(fn, repeats: int = 7, warmup: int = 2) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2]
 
 
 def main() -> None:
@@ -42,10 +30,9 @@ def main() -> None:
         model.zero_grad(set_to_none=True)
 
     a, b = torch.randn(2048, 1024), torch.randn(1024, 1024)
-    matmul_s = median_seconds(lambda: a @ b)
+    seconds = interleaved_medians({"matmul": lambda: a @ b, "step": step}, repeats=7)
+    matmul_s, step_s = seconds["matmul"], seconds["step"]
     matmul_flops = 2 * 2048 * 1024 * 1024 / matmul_s
-
-    step_s = median_seconds(step)
     n_matmul_params = sum(p.numel() for n, p in model.named_parameters() if p.dim() == 2 and "embed" not in n)
     attn_flops = 2 * 2 * batch * seq * seq * cfg.hidden_size * cfg.num_hidden_layers  # QK^T and AV, forward
     step_flops = 6 * n_matmul_params * batch * seq + 3 * attn_flops  # forward + backward (2x forward)

@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from lq_edu.corpus import load_corpus
-from lq_edu.evaluate import _token_ids
+from lq_edu.evaluate import token_stream
 from lq_edu.gptq import MAX_DAMP, gptq
 from lq_edu.quant import QuantizedWeight, quantize
 from lq_edu.quant_linear import QuantLinear, linear_weight
@@ -58,7 +58,7 @@ def train_token_stream(tokenizer) -> torch.Tensor:
     except TypeError:  # a tokenizer that can't be weakly referenced: no cache
         stream = None
     if stream is None:
-        stream = _token_ids(tokenizer, list(load_corpus("train")["text"]))
+        stream = token_stream(tokenizer, list(load_corpus("train")["text"]))
         try:
             _STREAMS[tokenizer] = stream
         except TypeError:

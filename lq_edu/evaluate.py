@@ -20,8 +20,8 @@ from collections.abc import Sequence
 import torch
 
 
-def _token_ids(tokenizer, texts: str | Sequence[str]) -> torch.Tensor:
-    """Texts as one 1-D id tensor, each text followed by EOS (as in pretraining)."""
+def token_stream(tokenizer, texts: str | Sequence[str]) -> torch.Tensor:
+    """Texts as one 1-D id tensor, each text followed by EOS: how pretraining, evaluation and calibration see text."""
     if isinstance(texts, str):
         texts = [texts]
     texts = list(texts)
@@ -88,7 +88,7 @@ def perplexity(
         raise ValueError(f"context={context} is longer than the model's {max_pos} positions; use context<={max_pos}")
     if not 0 < stride <= context:
         raise ValueError(f"stride={stride} must be between 1 and context={context}")
-    ids = _token_ids(tokenizer, texts)
+    ids = token_stream(tokenizer, texts)
     if max_tokens is not None:
         ids = ids[:max_tokens]
     if len(ids) < 2:

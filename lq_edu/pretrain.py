@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 from lq_edu.corpus import load_corpus
+from lq_edu.evaluate import token_stream
 from lq_edu.paths import COURSE_MODEL_DIR
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|pad|>", "<|im_start|>", "<|im_end|>"]
@@ -95,16 +96,6 @@ def train_tokenizer(texts: list[str], vocab_size: int):
         chat_template=CHAT_TEMPLATE,
         additional_special_tokens=["<|im_start|>", "<|im_end|>"],
     )
-
-
-def token_stream(tokenizer, texts: list[str]) -> torch.Tensor:
-    """All pages as one 1-D tensor of token ids, each page followed by EOS."""
-    eos = tokenizer.eos_token_id
-    ids: list[int] = []
-    for enc in tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]:
-        ids.extend(enc)
-        ids.append(eos)
-    return torch.tensor(ids, dtype=torch.long)
 
 
 def unigram_perplexity(train_ids: torch.Tensor, valid_ids: torch.Tensor, vocab_size: int) -> float:
