@@ -211,11 +211,14 @@ def _qweight_from_flat(name: str, tensors: dict[str, torch.Tensor], meta: dict) 
 # --- save -----------------------------------------------------------------------------------------------------
 
 
-def save_adapter(model: nn.Module, folder: str | Path, base_name_or_path: str | None = None) -> Path:
+def save_adapter(
+    model: nn.Module, folder: str | Path, base_name_or_path: str | None = None, card: str | None = None
+) -> Path:
     """Write the model's adapters to ``folder`` in PEFT's format (plus lq_edu's base files when quantized).
 
     All adapters must share r, alpha, dropout and rsLoRA (one LoraConfig) and must not be merged.
-    Returns the folder.
+    card: the text of a model card, written to ``README.md`` (as PEFT's ``save_pretrained`` does); an
+    existing README.md is left alone when ``card`` is None. Returns the folder.
     """
     from safetensors.torch import save_file
 
@@ -272,6 +275,8 @@ def save_adapter(model: nn.Module, folder: str | Path, base_name_or_path: str | 
         (folder / BASE_META_NAME).write_text(json.dumps(meta, indent=2))
     if base_tensors:
         save_file(base_tensors, str(folder / BASE_WEIGHTS_NAME))
+    if card is not None:
+        (folder / "README.md").write_text(card if card.endswith("\n") else card + "\n")
     return folder
 
 

@@ -34,8 +34,8 @@ class Profile:
 
 
 PROFILES: dict[str, Profile] = {
-    "ci": Profile("ci", "smallest sizes, for the test suite on 2 CPU cores", 8_192, 20, 16, 24),
-    "laptop": Profile("laptop", "a learner's CPU laptop", 32_768, 200, 64, 48),
+    "ci": Profile("ci", "smallest sizes, for the test suite on 2 CPU cores", 8_192, 60, 16, 24),
+    "laptop": Profile("laptop", "a learner's CPU laptop", 32_768, 300, 64, 48),
     "gpu": Profile("gpu", "a CUDA GPU", 105_000, 1_000, 128, 64),
 }
 

@@ -92,6 +92,29 @@ def collate(batch: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, 
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
+def padded(examples: list[tuple[list[int], list[int]]], pad_id: int, length: int | None = None) -> list[dict]:
+    """Each example as a dict of 1-D tensors right-padded to ``length`` (default: the longest example).
+
+    What :func:`lq_edu.trainer.train` takes: ``input_ids``, ``attention_mask`` (0 on pads) and ``labels``
+    (-100 on pads), all of one length, so any subset stacks into a batch.
+    """
+    if not examples:
+        raise ValueError("no examples to pad")
+    longest = max(len(ids) for ids, _ in examples)
+    length = longest if length is None else length
+    if length < longest:
+        raise ValueError(f"length={length} is shorter than the longest example ({longest} tokens); raise it or omit it")
+    batch = collate(list(examples), pad_id)  # (N, longest)
+    extra = length - longest
+    if extra:
+        batch = {
+            "input_ids": torch.nn.functional.pad(batch["input_ids"], (0, extra), value=pad_id),
+            "attention_mask": torch.nn.functional.pad(batch["attention_mask"], (0, extra), value=0),
+            "labels": torch.nn.functional.pad(batch["labels"], (0, extra), value=IGNORE),
+        }
+    return [{k: v[i] for k, v in batch.items()} for i in range(len(examples))]
+
+
 def pack(examples: list[tuple[list[int], list[int]]], length: int, pad_id: int) -> dict[str, torch.Tensor]:
     """Pack whole examples, in order, into rows of ``length`` tokens (a new row when the next one won't fit).
 

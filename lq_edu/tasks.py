@@ -1,28 +1,33 @@
-"""The fine-tuning task of lessons 06-07: short questions about standard-library signatures.
+"""The fine-tuning task of lessons 06-07: which module's documentation is this sentence from?
 
-    python -m lq_edu.tasks build        # rewrites data/tasks/api-signatures/ (seeded, a few seconds)
+    python -m lq_edu.tasks build        # rewrites data/tasks/which-module/ (seeded, a few seconds)
 
-Each record is one chat: a system line, a user question about a function
-signature taken from the course corpus (the library pages of the Python 3.11
-docs), and a one-word assistant answer::
+Each record is one chat: a system line that lists ten standard-library modules,
+a user turn that is one sentence from the library pages of the Python 3.11 docs
+(the course corpus), and a one-word assistant answer, the module::
 
-    {"messages": [{"role": "system", ...}, {"role": "user", ...}, {"role": "assistant", "content": "json"}],
-     "answer": "json", "kind": "module", "source": "python3.11-doc/library/json.rst"}
+    {"messages": [{"role": "system", ...},
+                  {"role": "user", "content": "Return a new Decimal instance whose value is ..."},
+                  {"role": "assistant", "content": "decimal"}],
+     "answer": "decimal", "source": "python3.11-doc/library/decimal.rst"}
 
-Three kinds of question, several phrasings each:
+Why this task:
 
-- ``module``: which module does ``json.dumps(obj, *, skipkeys=False)`` come from? -> ``json``
-- ``name``: what is the callable called, without its module? -> ``dumps``
-- ``first_param``: what is its first parameter? -> ``obj``
+- The answer comes from a fixed set of ten labels, so exact match is fair and
+  a guess has a known floor (:func:`majority_baseline`).
+- It leans on what the base model learned: every sentence is from a page the
+  course model read during pretraining (the ten modules' pages are all in the
+  corpus's train split). The adapter teaches the chat format and the labels;
+  telling ``decimal`` from ``datetime`` needs the base's memory of the pages.
+  That memory is what quantization erodes, so retention (lesson 07) means
+  something.
+- The untuned model has never seen the chat format and answers with prose, so
+  it scores 0 and a few hundred LoRA steps make a clear difference.
+- It is not the capstone's tool-use task.
 
-Why this task: the answer is short (exact match is fair), it is read off text
-the course model was pretrained on, and it needs the chat format, which the
-base model has never seen (so the untuned model scores near 0 and a LoRA run
-of a few hundred steps can teach it). It is not the capstone's tool-use task.
-
-Splits are disjoint by documentation page: a page (module) whose path hashes
-into the test bucket gives only test questions, and likewise for validation,
-so no test signature, and no test module name, appears in training.
+Splits are by sentence: a sentence (deduplicated across the whole corpus) goes
+to test, validation or train by a hash of its text, so no test sentence is
+trained on. Every label appears in every split.
 
 Two metrics: :func:`heldout_loss` (mean cross-entropy on assistant tokens) and
 :func:`evaluate_task` (greedy generation, then :func:`exact_match`).
@@ -31,12 +36,12 @@ Two metrics: :func:`heldout_loss` (mean cross-entropy on assistant tokens) and
 from __future__ import annotations
 
 import argparse
-import builtins
 import gzip
 import hashlib
 import json
 import random
 import re
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -44,132 +49,92 @@ import torch
 from lq_edu.corpus import load_corpus
 from lq_edu.paths import DATA_DIR
 
-TASK_NAME = "api-signatures"
+TASK_NAME = "which-module"
 TASKS_DIR = DATA_DIR / "tasks"
 TASK_DIR = TASKS_DIR / TASK_NAME
 SPLITS = ("train", "validation", "test")
-SIZES = {"train": 3000, "validation": 300, "test": 300}
 SEED = 606
-SYSTEM = "You answer questions about the Python standard library with a single name."
+# The ten modules with the most usable sentences on pages the course model was pretrained on.
+LABELS = ("argparse", "ctypes", "datetime", "decimal", "logging", "pickle", "threading", "tkinter", "unittest", "xml")
+SYSTEM = (
+    "You say which standard-library module's documentation a sentence comes from. "
+    f"Answer with one of: {', '.join(LABELS)}."
+)
+MIN_CHARS, MAX_CHARS = 40, 200  # a sentence long enough to carry a clue, short enough to keep chats < 100 tokens
+TEST_SHARE, VALIDATION_SHARE = 5, 2  # out of 20 hash buckets: 25% test, 10% validation, 65% train
 
-# One phrasing is drawn per question; {sig} is the qualified signature.
-TEMPLATES = {
-    "module": [
-        "Which module does `{sig}` come from?",
-        "Name the standard-library module that provides `{sig}`.",
-        "`{sig}` is documented in which module?",
-        "In the signature `{sig}`, what is the module?",
-    ],
-    "name": [
-        "What is the name of the callable in `{sig}`, without its module?",
-        "Give the bare function name in `{sig}`.",
-        "`{sig}`: what is the function or class called?",
-        "Strip the module from `{sig}`. What name is left?",
-    ],
-    "first_param": [
-        "What is the first parameter of `{sig}`?",
-        "Name the first argument that `{sig}` takes.",
-        "`{sig}`: which parameter comes first?",
-        "In `{sig}`, what is the first parameter called?",
-    ],
-}
-
-_SIGNATURE = re.compile(r"^([A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*)\(([^()]*)\)$")
-_MODULE = re.compile(r"^([a-z_][\w]*(?:\.[a-z_]\w*)*)\s+---")
-_PARAM = re.compile(r"[\[\]]*(|/|\*|\*{0,2}[A-Za-z_]\w*(\s*=\s*[^,\[\]]+)?)[\[\]]*")  # a parameter, maybe with a default
-_BUILTINS = set(dir(builtins))  # `print(...)` on a module page is an example call
-_MAX_SIGNATURE_CHARS = 90  # keeps every chat well under 100 tokens
+_TITLE = re.compile(r"^([a-z_][\w]*(?:\.[a-z_]\w*)*)\s+---")
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z])")
+_BOILERPLATE = ("Changed in version", "New in version", "Deprecated since", "Source code:", "See also")
 
 
-def _bucket(source: str) -> str:
-    """Split of a documentation page, from a hash of its path (stable across rebuilds)."""
-    b = hashlib.sha256(source.encode()).digest()[0] % 10
-    return "test" if b == 0 else "validation" if b == 1 else "train"
+def page_module(page: dict) -> str | None:
+    """Top-level module of a library page, from its title (``xml.etree.ElementTree --- ...`` -> ``xml``)."""
+    if "/library/" not in page["source"]:
+        return None
+    title = _TITLE.match(page["text"].lstrip().split("\n", 1)[0])
+    return title[1].split(".")[0] if title else None
 
 
-def _first_param(params: str) -> str | None:
-    """First named parameter of a signature's parameter text, or None."""
-    for part in params.split(","):
-        name = part.strip().lstrip("*").split("=")[0].strip().strip("[]").strip()
-        if name in ("", "/", "self", "cls"):
-            continue
-        return name if re.fullmatch(r"[A-Za-z_]\w*", name) else None
-    return None
+def sentences(text: str) -> list[str]:
+    """Prose sentences of a page: no code, no doctest, no version notes; MIN_CHARS..MAX_CHARS long."""
+    found = []
+    for para in re.split(r"\n\s*\n", text):
+        lines = para.splitlines()
+        if not lines or lines[0][:1] in (" ", "\t") or ">>>" in para:
+            continue  # an indented block is code or a signature body; a doctest is code
+        for s in _SENTENCE_END.split(" ".join(para.split())):
+            if MIN_CHARS <= len(s) <= MAX_CHARS and s.endswith(".") and not s.startswith(_BOILERPLATE):
+                found.append(s)
+    return found
 
 
-def signatures(pages) -> list[dict]:
-    """Signatures found on library pages: ``{"module", "name", "sig", "first_param", "source"}``.
+def _bucket(sentence: str) -> str:
+    """Split of a sentence, from a hash of its text (stable across rebuilds and machines)."""
+    b = hashlib.sha256(sentence.encode()).digest()[0] % 20
+    return "test" if b < TEST_SHARE else "validation" if b < TEST_SHARE + VALIDATION_SHARE else "train"
 
-    ``pages`` is an iterable of corpus records. The module is the page title's
-    first word (``json --- JSON encoder and decoder`` -> ``json``); the
-    signature is made qualified (``dumps(...)`` -> ``json.dumps(...)``).
+
+def labelled_sentences(pages, labels: tuple[str, ...] = LABELS) -> list[dict]:
+    """``{"sentence", "module", "source"}`` for every sentence on a page of one of ``labels``.
+
+    A sentence that occurs on two pages (or twice) is kept once, under its first page.
     """
     items, seen = [], set()
     for page in pages:
-        if "/library/" not in page["source"]:
+        module = page_module(page)
+        if module not in labels:
             continue
-        title = _MODULE.match(page["text"].lstrip().split("\n", 1)[0])
-        if not title:
-            continue
-        module = title[1]
-        for line in page["text"].splitlines():
-            m = _SIGNATURE.match(line.strip())
-            if not m:
-                continue
-            name, params = m[1], " ".join(m[2].split())
-            head = name.split(".")[0]
-            if "." in name and not (name.startswith(module + ".") or head[:1].isupper()):
-                continue  # e.g. `writer.close()` in a code example: not this module's API
-            if not all(_PARAM.fullmatch(p.strip()) for p in params.split(",")) or name in _BUILTINS:
-                continue  # a call in an example (`print(f.reason)`), not a signature
-            qualified = name if name.startswith(module + ".") else f"{module}.{name}"
-            sig = f"{qualified}({params})"
-            if len(sig) > _MAX_SIGNATURE_CHARS or sig in seen:
-                continue
-            seen.add(sig)
-            items.append(
-                {"module": module, "name": qualified.split(".")[-1], "sig": sig,
-                 "first_param": _first_param(params), "source": page["source"]}
-            )
+        for s in sentences(page["text"]):
+            if s not in seen:
+                seen.add(s)
+                items.append({"sentence": s, "module": module, "source": page["source"]})
     return items
 
 
-def make_records(items: list[dict], n: int, rng: random.Random) -> list[dict]:
-    """``n`` chat records drawn from ``items`` (question kind and phrasing chosen by ``rng``)."""
-    if not items:
-        raise ValueError("no signatures to make questions from; is the corpus in data/corpus/?")
-    records, seen = [], set()
-    for _ in range(50 * n):
-        if len(records) == n:
-            break
-        item = rng.choice(items)
-        kind = rng.choice(list(TEMPLATES))
-        answer = item[kind] if kind != "module" else item["module"]
-        if answer is None:
-            continue
-        question = rng.choice(TEMPLATES[kind]).format(sig=item["sig"])
-        if question in seen:
-            continue
-        seen.add(question)
-        messages = [
-            {"role": "system", "content": SYSTEM},
-            {"role": "user", "content": question},
-            {"role": "assistant", "content": answer},
-        ]
-        records.append({"messages": messages, "answer": answer, "kind": kind, "source": item["source"]})
-    if len(records) < n:
-        raise ValueError(f"only {len(records)} distinct questions could be made, {n} were asked for")
-    return records
+def make_record(item: dict) -> dict:
+    """The chat record of one labelled sentence."""
+    messages = [
+        {"role": "system", "content": SYSTEM},
+        {"role": "user", "content": item["sentence"]},
+        {"role": "assistant", "content": item["module"]},
+    ]
+    return {"messages": messages, "answer": item["module"], "source": item["source"]}
 
 
-def build_records(seed: int = SEED, sizes: dict[str, int] | None = None) -> dict[str, list[dict]]:
-    """All splits as lists of records, built from the corpus with ``seed``."""
-    sizes = SIZES if sizes is None else sizes
+def build_records(seed: int = SEED) -> dict[str, list[dict]]:
+    """All splits as lists of records, built from the corpus; ``seed`` shuffles each split."""
     pages = list(load_corpus("train")) + list(load_corpus("validation"))
-    items = signatures(pages)
-    by_split = {s: [it for it in items if _bucket(it["source"]) == s] for s in SPLITS}
+    items = labelled_sentences(pages)
+    if not items:
+        raise ValueError("no labelled sentences found; is the corpus in data/corpus/? (git checkout -- data/corpus)")
     rng = random.Random(seed)
-    return {s: make_records(by_split[s], sizes[s], rng) for s in SPLITS}
+    records = {}
+    for split in SPLITS:
+        recs = [make_record(it) for it in items if _bucket(it["sentence"]) == split]
+        rng.shuffle(recs)
+        records[split] = recs
+    return records
 
 
 def write_jsonl_gz(records: list[dict], path: Path) -> None:
@@ -180,11 +145,51 @@ def write_jsonl_gz(records: list[dict], path: Path) -> None:
             fh.write((json.dumps(rec, ensure_ascii=False) + "\n").encode())
 
 
+def _readme(records: dict[str, list[dict]]) -> str:
+    counts = {s: Counter(r["answer"] for r in recs) for s, recs in records.items()}
+    rows = "\n".join(
+        f"| {label} | {counts['train'][label]} | {counts['validation'][label]} | {counts['test'][label]} |"
+        for label in LABELS
+    )
+    totals = " | ".join(str(len(records[s])) for s in SPLITS)
+    return f"""# {TASK_NAME}: the fine-tuning task of lessons 06-07
+
+Which standard-library module's documentation is this sentence from? One
+sentence from the Python 3.11 library docs in, one of ten module names out.
+Built from the course corpus (`data/corpus/`) by
+
+    python -m lq_edu.tasks build          # seed {SEED}; byte-identical on every rebuild (this file too)
+
+| label | train | validation | test |
+|---|---:|---:|---:|
+{rows}
+| **total** | {totals} |
+
+Record: `{{"messages": [system, user, assistant], "answer": str, "source": str}}`.
+The system line lists the ten labels; the user turn is the sentence; the answer is the label.
+
+Sentences are prose only (no code, doctests or version notes), {MIN_CHARS}-{MAX_CHARS} characters,
+deduplicated across pages. Each goes to one split by a hash of its text
+({TEST_SHARE * 5}% test, {VALIDATION_SHARE * 5}% validation, the rest train). All ten modules' pages are in
+the corpus's train split, so the course model read every sentence during pretraining; the
+task asks it to recall where.
+
+Metrics (`lq_edu.tasks`): `heldout_loss` (mean cross-entropy on assistant tokens),
+`evaluate_task` (greedy answer, then `exact_match`: first non-empty line, surrounding
+backticks/quotes and a trailing full stop removed, lowercased) and `majority_baseline`
+(always answering the most common training label).
+
+Licence: derived from the Python documentation, PSF licence; see
+`data/corpus/LICENSE-PSF.txt`.
+"""
+
+
 def build(out_dir: Path = TASK_DIR, seed: int = SEED) -> dict[str, int]:
-    """Write ``{train,validation,test}.jsonl.gz`` to ``out_dir``; returns records per split."""
+    """Write ``{train,validation,test}.jsonl.gz`` and README.md to ``out_dir``; returns records per split."""
     records = build_records(seed)
     for split, recs in records.items():
         write_jsonl_gz(recs, Path(out_dir) / f"{split}.jsonl.gz")
+    (Path(out_dir) / "README.md").write_text(_readme(records))
     return {s: len(r) for s, r in records.items()}
 
 
@@ -201,7 +206,7 @@ def task_files(task_dir: Path = TASK_DIR) -> dict[str, str]:
 
 
 def load_task(split: str = "train", task_dir: Path = TASK_DIR):
-    """One split of the task as a ``datasets.Dataset`` (columns: messages, answer, kind, source)."""
+    """One split of the task as a ``datasets.Dataset`` (columns: messages, answer, source)."""
     if split not in SPLITS:
         raise ValueError(f"split={split!r} is not a task split; use one of {SPLITS}")
     from datasets import load_dataset
@@ -235,40 +240,63 @@ def _examples(split_or_records, max_examples: int | None) -> list[dict]:
     return records if max_examples is None else records[:max_examples]
 
 
+def majority_baseline(split="test", train="train") -> float:
+    """Accuracy of always answering the most common label of ``train`` on ``split``: the floor to beat."""
+    top, _ = Counter(r["answer"] for r in _examples(train, None)).most_common(1)[0]
+    answers = [r["answer"] for r in _examples(split, None)]
+    if not answers:
+        raise ValueError("no examples to score; give a non-empty split")
+    return sum(a == top for a in answers) / len(answers)
+
+
 @torch.no_grad()
-def evaluate_task(model, tokenizer, split="validation", max_examples: int | None = 200, max_new_tokens: int = 12):
+def evaluate_task(
+    model, tokenizer, split="validation", max_examples: int | None = None, max_new_tokens: int = 6, batch_size: int = 32
+) -> dict:
     """Exact-match accuracy of greedy answers on ``split`` (a split name or a list of records).
 
     The prompt is every message before the last assistant turn, rendered with
-    ``add_generation_prompt=True``; generation stops at ``<|im_end|>``.
+    ``add_generation_prompt=True``; prompts are left-padded into batches of
+    ``batch_size`` and generation stops at ``<|im_end|>``.
     Returns ``{"accuracy": float, "n": int, "examples": [{"question", "answer", "prediction", "correct"}]}``.
     """
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     stop = [tokenizer.convert_tokens_to_ids("<|im_end|>"), tokenizer.eos_token_id]
+    records = _examples(split, max_examples)
+    if not records:
+        raise ValueError("no examples to evaluate; give max_examples >= 1 and a non-empty split")
     examples = []
-    for rec in _examples(split, max_examples):
-        prompt = [m for m in rec["messages"] if m["role"] != "assistant"]
-        ids = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True, return_dict=True)
-        input_ids = torch.tensor([ids["input_ids"]], device=device)
+    for i in range(0, len(records), batch_size):
+        chunk = records[i : i + batch_size]
+        prompts = [[m for m in rec["messages"] if m["role"] != "assistant"] for rec in chunk]
+        ids = [
+            tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
+            for p in prompts
+        ]
+        width = max(len(x) for x in ids)
+        input_ids = torch.full((len(ids), width), tokenizer.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(ids), width), dtype=torch.long)
+        for row, x in enumerate(ids):  # left padding: every prompt ends where generation starts
+            input_ids[row, width - len(x) :] = torch.tensor(x)
+            attention_mask[row, width - len(x) :] = 1
         out = model.generate(
-            input_ids=input_ids,
-            attention_mask=torch.ones_like(input_ids),
+            input_ids=input_ids.to(device),
+            attention_mask=attention_mask.to(device),
             max_new_tokens=max_new_tokens,
             do_sample=False,
             eos_token_id=stop,
             pad_token_id=tokenizer.pad_token_id,
         )
-        prediction = tokenizer.decode(out[0, input_ids.shape[1]:], skip_special_tokens=True)
-        examples.append(
-            {"question": prompt[-1]["content"], "answer": rec["answer"], "prediction": prediction,
-             "correct": exact_match(prediction, rec["answer"])}
-        )
+        for rec, prompt, row in zip(chunk, prompts, out[:, width:], strict=True):
+            prediction = tokenizer.decode(row, skip_special_tokens=True)
+            examples.append(
+                {"question": prompt[-1]["content"], "answer": rec["answer"], "prediction": prediction,
+                 "correct": exact_match(prediction, rec["answer"])}
+            )
     if was_training:
         model.train()
-    if not examples:
-        raise ValueError("no examples to evaluate; give max_examples >= 1 and a non-empty split")
     accuracy = sum(e["correct"] for e in examples) / len(examples)
     return {"accuracy": accuracy, "n": len(examples), "examples": examples}
 

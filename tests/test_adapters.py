@@ -171,7 +171,11 @@ def test_quantized_round_trip_with_base_and_fingerprint(tmp_path, init):
     if init == "zero":
         _randomize_adapters(model, seed=4)
     ours = _logits(model)
+    (tmp_path / "README.md").write_text("an old card")
     save_adapter(model, tmp_path)
+    assert (tmp_path / "README.md").read_text() == "an old card"  # no card given: left alone
+    save_adapter(model, tmp_path, card="# my adapter")
+    assert (tmp_path / "README.md").read_text() == "# my adapter\n"
     assert (tmp_path / BASE_WEIGHTS_NAME).is_file()
     meta = json.loads((tmp_path / BASE_META_NAME).read_text())["layers"]
     assert re.fullmatch(r"[0-9a-f]{64}", meta["model.layers.0.self_attn.q_proj"]["fingerprint"])

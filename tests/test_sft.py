@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from lq_edu.models import load_course_model
-from lq_edu.sft import IGNORE, SFTDataset, collate, load_sft, pack, render
+from lq_edu.sft import IGNORE, SFTDataset, collate, load_sft, pack, padded, render
+from lq_edu.trainer import collate as trainer_collate
 
 CHAT = [
     {"role": "system", "content": "You answer with a single name."},
@@ -113,6 +114,26 @@ def test_padding_does_not_change_the_loss(tokenizer):
         logits_pad = model(input_ids=padded["input_ids"], attention_mask=padded["attention_mask"]).logits
     n = len(short[0])
     torch.testing.assert_close(logits_pad[0, :n], logits_alone[0], atol=1e-4, rtol=1e-4)
+
+
+def test_padded_examples_feed_the_trainer_and_lose_only_shared_padding(tokenizer):
+    short, long = render(tokenizer, CHAT), render(tokenizer, TWO_TURNS)
+    examples = padded([short, long], tokenizer.pad_token_id, length=len(long[0]) + 7)
+    assert [len(e["input_ids"]) for e in examples] == [len(long[0]) + 7] * 2
+    assert examples[0]["input_ids"][: len(short[0])].tolist() == short[0]
+    assert examples[0]["labels"][len(short[0]) :].eq(IGNORE).all()
+    assert int(examples[1]["attention_mask"].sum()) == len(long[0])
+    # the trainer cuts the padding every row shares, and nothing else
+    both = trainer_collate(examples)
+    assert both["input_ids"].shape == (2, len(long[0]))
+    assert both["labels"][1].tolist() == long[1]
+    alone = trainer_collate(examples[:1])
+    assert alone["input_ids"].shape == (1, len(short[0])) and alone["labels"][0].tolist() == short[1]
+    assert len(padded([short], tokenizer.pad_token_id)[0]["input_ids"]) == len(short[0])  # default: the longest
+    with pytest.raises(ValueError, match="shorter than the longest"):
+        padded([short, long], tokenizer.pad_token_id, length=len(long[0]) - 1)
+    with pytest.raises(ValueError, match="no examples"):
+        padded([], tokenizer.pad_token_id)
 
 
 def test_pack_labels_every_assistant_token_once(tokenizer):
