@@ -27,6 +27,7 @@ Each module is one concept from the course, in the order the lessons meet it:
 - ``sft``: chat records to input ids with assistant-only labels; padding, packing
 - ``tasks``: the seeded fine-tuning task of lessons 06-07 and its metrics
 - ``trainer``: a compact accelerate loop: accumulation, checkpoints, resume, DDP
+- ``finetune``: one run per (method, bits), retention against 16-bit LoRA    [lesson 07]
 """
 
 from lq_edu import (
@@ -34,6 +35,7 @@ from lq_edu import (
     allocate,
     awq,
     calibration,
+    finetune,
     formats,
     gptq,
     lora,
@@ -87,6 +89,7 @@ __all__ = [
     "awq",
     "calibrate_model",
     "calibration",
+    "finetune",
     "calibration_data",
     "collect_stats",
     "gptq",
