@@ -15,12 +15,14 @@ Why this task:
 
 - The answer comes from a fixed set of ten labels, so exact match is fair and
   a guess has a known floor (:func:`majority_baseline`).
-- It leans on what the base model learned: every sentence is from a page the
-  course model read during pretraining (the ten modules' pages are all in the
-  corpus's train split). The adapter teaches the chat format and the labels;
-  telling ``decimal`` from ``datetime`` needs the base's memory of the pages.
-  That memory is what quantization erodes, so retention (lesson 07) means
-  something.
+- It is meant to lean on what the base model learned: every sentence is from a
+  page the course model read during pretraining (the ten modules' pages are all
+  in the corpus's train split). The adapter teaches the chat format and the
+  labels; the base's reading of the sentence does the rest. How much that
+  survives quantization is what lesson 07 measures. Measured: in a short run
+  (60 steps) a 2-bit QLoRA base loses about 10%; by 300 steps rank-16 adapters
+  (7% of this small model) recover even a 2-bit base, so the task is easier for
+  the course model than for a large one with the same rank.
 - The untuned model has never seen the chat format and answers with prose, so
   it scores 0 and a few hundred LoRA steps make a clear difference.
 - It is not the capstone's tool-use task.
@@ -173,6 +175,9 @@ deduplicated across pages. Each goes to one split by a hash of its text
 ({TEST_SHARE * 5}% test, {VALIDATION_SHARE * 5}% validation, the rest train). All ten modules' pages are in
 the corpus's train split, so the course model read every sentence during pretraining; the
 task asks it to recall where.
+
+Measured with the course model (seed 0, test split): untuned 0%, always the majority label
+14.5%, LoRA r=16 57.6% after 60 steps and 76.0% after 300 (lessons 06-07).
 
 Metrics (`lq_edu.tasks`): `heldout_loss` (mean cross-entropy on assistant tokens),
 `evaluate_task` (greedy answer, then `exact_match`: first non-empty line, surrounding
